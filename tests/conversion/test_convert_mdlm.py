@@ -211,7 +211,7 @@ def test_pickles_with_objects_are_refused(tmp_path):
     with pytest.raises(ValueError, match="weights_only=True"):
         convert_mdlm_checkpoint(path, time_conditioning=False)
     with open(tmp_path / "plain.bin", "wb") as handle:
-        pickle.dump({"x": NotATensor()}, handle)
+        pickle.dump({"x": NotATensor()}, handle, protocol=2)
     with pytest.raises(ValueError, match="weights_only=True"):
         convert_mdlm_checkpoint(tmp_path / "plain.bin", time_conditioning=False)
 

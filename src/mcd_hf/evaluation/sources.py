@@ -378,22 +378,26 @@ class HiddenMarkovSource(KnownLikelihoodSource):
         return source
 
     def token_log_probs(self, sequences: SequencesLike, floor: Optional[float] = None) -> torch.Tensor:
-        """Forward algorithm in log space: log p(x_t | x_<t) = log p(x_1..x_t) - log p(x_1..x_t-1)."""
+        """Scaled forward algorithm (Rabiner 1989, section V.A): log p(x_t | x_<t) for every position.
+
+        alpha_t(s) = p(s_t = s | x_1..x_t) is renormalised at each step in float64, so it never underflows,
+        and the normaliser is exactly p(x_t | x_<t). After an impossible token alpha stays zero and every
+        later conditional is -inf.
+        """
         sequences = self._check_sequences(sequences)
         initial, transition, emission = self.initial, self.transition, self.emission
         if floor is not None:
             initial, transition, emission = (p.clamp_min(floor) for p in (initial, transition, emission))
-        log_transition, log_emission_per_token = transition.log(), emission.log().T  # (S, S), (K, S)
-        # log_alpha[n, s] = log p(x_1..x_t, s_t = s), normalised each step so it never underflows
-        log_alpha = initial.log() + log_emission_per_token[sequences[:, 0]]
-        conditionals = [torch.logsumexp(log_alpha, dim=-1)]
-        for t in range(1, sequences.shape[1]):
-            log_alpha = log_alpha - conditionals[-1][:, None]
-            log_alpha = torch.logsumexp(log_alpha[:, :, None] + log_transition, dim=1) + log_emission_per_token[sequences[:, t]]
-            conditionals.append(torch.logsumexp(log_alpha, dim=-1))
-        # after the first impossible token, log_alpha is all -inf; keep -inf rather than NaN from -inf - -inf
-        conditionals = torch.stack(conditionals, dim=1)
-        return conditionals.masked_fill(conditionals.isnan(), -math.inf)
+        emission_per_token = emission.T  # (K, S)
+        alpha = initial * emission_per_token[sequences[:, 0]]
+        conditionals = []
+        for t in range(sequences.shape[1]):
+            if t > 0:
+                alpha = (alpha @ transition) * emission_per_token[sequences[:, t]]
+            normaliser = alpha.sum(-1)
+            conditionals.append(normaliser.log())
+            alpha = alpha / torch.where(normaliser > 0, normaliser, 1.0)[:, None]
+        return torch.stack(conditionals, dim=1)
 
     def estimate_entropy_rate(
         self, num_samples: int = 256, seq_len: int = 1024, burn_in: Optional[int] = None, seed: int = 0

@@ -28,7 +28,8 @@ def test_unigram_entropy_hand_made_cases():
     assert unigram_entropy(["abcd"]) == pytest.approx(math.log(4))
     assert unigram_entropy(["aaaa", "abab"]) == pytest.approx(math.log(2) / 2)
     per_sample = unigram_entropy(["aaaa", "abab"], reduction="none")
-    assert per_sample.dtype == torch.float64 and torch.allclose(per_sample, torch.tensor([0.0, math.log(2)], dtype=torch.float64))
+    assert per_sample.dtype == torch.float64
+    assert torch.allclose(per_sample, torch.tensor([0.0, math.log(2)], dtype=torch.float64))
     # ids as tensor, numpy and lists agree with the texts
     ids = [[0, 0, 0, 0], [0, 1, 0, 1]]
     for batch in (ids, torch.tensor(ids), np.array(ids)):

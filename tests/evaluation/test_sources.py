@@ -196,3 +196,5 @@ def test_bad_input_raises_value_error():
         MarkovChainSource(vocab_size=200)
     with pytest.raises(ValueError, match="alphabet"):
         source.encode(["ab "])
+    with pytest.raises(ValueError, match="irreducible"):
+        MarkovChainSource.from_transition_matrix(torch.eye(3))

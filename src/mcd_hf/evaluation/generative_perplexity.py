@@ -152,7 +152,9 @@ def generative_perplexity(
         judge.train(was_training)
 
     mean_nll = total_nll.sum().item() / num_tokens.sum().item()
-    output = GenerativePerplexityOutput(perplexity=math.exp(mean_nll), mean_nll=mean_nll, num_tokens=int(num_tokens.sum()))
+    output = GenerativePerplexityOutput(
+        perplexity=math.exp(mean_nll), mean_nll=mean_nll, num_tokens=int(num_tokens.sum())
+    )
     if return_per_sample:
         output.per_sample_nll = total_nll / num_tokens.double()  # 0 / 0 = nan for an empty text
         output.per_sample_num_tokens = num_tokens

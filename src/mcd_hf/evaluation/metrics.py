@@ -13,7 +13,7 @@ without special tokens.
 import math
 from collections import Counter
 from statistics import NormalDist
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple, Sequence, Union
 
 import numpy as np
 import torch
@@ -122,7 +122,9 @@ class MeanInterval(NamedTuple):
         return f"{self.mean:.4g} +- {self.half_width:.2g}"
 
 
-def mean_and_interval(values: Union[torch.Tensor, np.ndarray, Sequence[float]], confidence: float = 0.95) -> MeanInterval:
+def mean_and_interval(
+    values: Union[torch.Tensor, np.ndarray, Sequence[float]], confidence: float = 0.95
+) -> MeanInterval:
     """Mean and the half-width of its normal-approximation interval, z * std / sqrt(n) (z = 1.96 at 95%).
 
     The std is the sample std (n - 1). With a single value the half-width is inf (no spread to judge from).

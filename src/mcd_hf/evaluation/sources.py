@@ -30,6 +30,10 @@ def _entropy(probabilities: torch.Tensor) -> torch.Tensor:
     return -(probabilities * logs).sum(-1)
 
 
+def _mean_and_standard_error(values: torch.Tensor) -> tuple[float, float]:
+    return values.mean().item(), (values.std() / math.sqrt(values.numel())).item()
+
+
 def _is_primitive(matrix: np.ndarray) -> bool:
     """Whether a stochastic matrix is irreducible and aperiodic (some power is all positive).
 
@@ -50,7 +54,10 @@ def _stationary_distribution(transition: np.ndarray) -> np.ndarray:
     system[-1] = 1.0  # replace one (redundant) balance equation by the normalisation
     rhs = np.zeros(size)
     rhs[-1] = 1.0
-    stationary = np.clip(np.linalg.solve(system, rhs), 0.0, None)
+    try:
+        stationary = np.clip(np.linalg.solve(system, rhs), 0.0, None)
+    except np.linalg.LinAlgError:
+        raise ValueError("transition must be irreducible (a unique stationary distribution)") from None
     return stationary / stationary.sum()
 
 
@@ -89,7 +96,9 @@ class KnownLikelihoodSource:
     """
 
     def __init__(self, initial: torch.Tensor, transition: torch.Tensor, emission: torch.Tensor):
-        initial, transition, emission = (torch.as_tensor(p, dtype=torch.float64) for p in (initial, transition, emission))
+        initial, transition, emission = (
+            torch.as_tensor(p, dtype=torch.float64) for p in (initial, transition, emission)
+        )
         num_states, vocab_size = emission.shape
         if initial.shape != (num_states,) or transition.shape != (num_states, num_states):
             raise ValueError(
@@ -111,11 +120,14 @@ class KnownLikelihoodSource:
 
     # ----- validation and text -----------------------------------------------------------------
     def _check_sequences(self, sequences: SequencesLike) -> torch.Tensor:
-        if isinstance(sequences, str) or (isinstance(sequences, (list, tuple)) and sequences and isinstance(sequences[0], str)):
+        is_texts = isinstance(sequences, (list, tuple)) and len(sequences) > 0 and isinstance(sequences[0], str)
+        if isinstance(sequences, str) or is_texts:
             sequences = self.encode(sequences)
         sequences = torch.as_tensor(sequences)
         if sequences.dim() != 2 or sequences.shape[1] == 0 or sequences.is_floating_point():
-            raise ValueError(f"sequences must be integer ids of shape (num_sequences, seq_len), got {tuple(sequences.shape)}")
+            raise ValueError(
+                f"sequences must be integer ids of shape (num_sequences, seq_len), got {tuple(sequences.shape)}"
+            )
         sequences = sequences.long().cpu()
         if sequences.numel() and (sequences.min() < 0 or sequences.max() >= self.vocab_size):
             raise ValueError(f"sequences must hold token ids in [0, {self.vocab_size}), got values outside")
@@ -141,7 +153,7 @@ class KnownLikelihoodSource:
         try:
             return torch.tensor([[index[char] for char in text] for text in texts], dtype=torch.long)
         except KeyError as error:
-            raise ValueError(f"texts must use only characters of the alphabet {self.alphabet!r}; got {error}") from None
+            raise ValueError(f"texts must use only the alphabet {self.alphabet!r}; got {error}") from None
 
     # ----- sampling --------------------------------------------------------------------------------
     def sample(self, num_sequences: int, seq_len: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -326,7 +338,8 @@ class HiddenMarkovSource(KnownLikelihoodSource):
 
     There is no closed form for the entropy of an HMM: `entropy_rate` and `sequence_entropy_per_token` are
     Monte Carlo estimates with exact forward-algorithm log-probs (see `estimate_entropy_rate` and
-    `estimate_sequence_entropy`), seeded and cached, with standard errors of about 1e-3 nats.
+    `estimate_sequence_entropy`), seeded and cached, with standard errors of 2e-3 to 3e-3 nats for the
+    defaults (h = 1.697 +- 0.003 nats/token).
 
     Args:
         vocab_size: number of tokens K.
@@ -366,11 +379,14 @@ class HiddenMarkovSource(KnownLikelihoodSource):
             others = rng.permutation(np.setdiff1d(np.arange(vocab_size), owned))
             tokens = np.concatenate([owned, others])[: max(num_emissions, len(owned))]
             emission[state, tokens] = rng.dirichlet([concentration] * len(tokens))
-        super().__init__(torch.from_numpy(_stationary_distribution(transition)), torch.from_numpy(transition), torch.from_numpy(emission))
+        initial = _stationary_distribution(transition)
+        super().__init__(torch.from_numpy(initial), torch.from_numpy(transition), torch.from_numpy(emission))
         self._entropy_cache: dict = {}
 
     @classmethod
-    def from_parameters(cls, initial: torch.Tensor, transition: torch.Tensor, emission: torch.Tensor) -> "HiddenMarkovSource":
+    def from_parameters(
+        cls, initial: torch.Tensor, transition: torch.Tensor, emission: torch.Tensor
+    ) -> "HiddenMarkovSource":
         """An HMM with given initial (S,), transition (S, S) and emission (S, K) probabilities."""
         source = cls.__new__(cls)
         KnownLikelihoodSource.__init__(source, initial, transition, emission)
@@ -410,12 +426,14 @@ class HiddenMarkovSource(KnownLikelihoodSource):
         """
         burn_in = seq_len // 2 if burn_in is None else burn_in
         if not 0 <= burn_in < seq_len or num_samples < 2:
-            raise ValueError(f"need 0 <= burn_in < seq_len and num_samples >= 2, got {burn_in}, {seq_len}, {num_samples}")
+            raise ValueError(
+                f"need 0 <= burn_in < seq_len and num_samples >= 2, got {burn_in}, {seq_len}, {num_samples}"
+            )
         key = ("rate", num_samples, seq_len, burn_in, seed)
         if key not in self._entropy_cache:
             sequences = self.sample(num_samples, seq_len, torch.Generator().manual_seed(seed))
             per_sequence = -self.token_log_probs(sequences)[:, burn_in:].mean(-1)
-            self._entropy_cache[key] = (per_sequence.mean().item(), (per_sequence.std() / math.sqrt(num_samples)).item())
+            self._entropy_cache[key] = _mean_and_standard_error(per_sequence)
         return self._entropy_cache[key]
 
     def estimate_sequence_entropy(self, seq_len: int, num_samples: int = 4096, seed: int = 0) -> tuple[float, float]:
@@ -426,7 +444,7 @@ class HiddenMarkovSource(KnownLikelihoodSource):
         if key not in self._entropy_cache:
             sequences = self.sample(num_samples, seq_len, torch.Generator().manual_seed(seed))
             per_sequence = -self.log_prob(sequences) / seq_len
-            self._entropy_cache[key] = (per_sequence.mean().item(), (per_sequence.std() / math.sqrt(num_samples)).item())
+            self._entropy_cache[key] = _mean_and_standard_error(per_sequence)
         return self._entropy_cache[key]
 
     def entropy_rate(self) -> float:

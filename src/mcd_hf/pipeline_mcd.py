@@ -70,6 +70,8 @@ class MCDPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "model"
+    # diffusers saves a component with a default value only when it is listed here.
+    _optional_components = ["tokenizer"]
     _callback_tensor_inputs = ["sample", "pred_original_sample", "pred_logits"]
 
     def __init__(self, model: MaskedDiffusionLM, scheduler: MaskedDualityScheduler, tokenizer: Any = None):

@@ -326,3 +326,55 @@ def test_config_overrides_and_attention_implementation(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no stray warnings on a clean conversion
         convert_mdlm_checkpoint(folder)
+
+
+def word_tokenizer(num_tokens: int):
+    """A tokenizer with `num_tokens` words and no mask token, like GPT-2's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(num_tokens)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+def test_tokenizer_writes_a_pipeline_that_round_trips(tmp_path):
+    from mcd_hf.pipeline_mcd import MCDPipeline
+    from mcd_hf.scheduling_mcd import MaskedDualityScheduler
+
+    state = published_state_dict(seed=7)
+    folder = write_hf_folder(tmp_path / "mdlm", state, True)
+    tokenizer = word_tokenizer(VOCAB - 1)
+    model = convert_mdlm_checkpoint(folder, tmp_path / "pipe", tokenizer=tokenizer)
+    assert tokenizer.mask_token is None  # the caller's tokenizer is left as it was
+
+    pipe = MCDPipeline.from_pretrained(tmp_path / "pipe")
+    assert isinstance(pipe.model, MaskedDiffusionLM) and isinstance(pipe.scheduler, MaskedDualityScheduler)
+    assert pipe.scheduler.config.noise_schedule == "loglinear" and pipe.scheduler.config.eps == 1e-3
+    assert pipe.scheduler.config.mask_token_id == pipe.tokenizer.mask_token_id == VOCAB - 1
+    assert pipe.scheduler.config.vocab_size == VOCAB
+    assert str(folder) in (tmp_path / "pipe" / "README.md").read_text()
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.5, 3.0])
+    with torch.no_grad():
+        assert torch.equal(pipe.model.eval()(ids, sigma).logits, model(ids, sigma).logits)
+    assert_matches_reference(pipe.model, state, True)
+
+    # A tokenizer given by path works the same; one whose [MASK] lands elsewhere is refused.
+    tokenizer.save_pretrained(tmp_path / "tok")
+    convert_mdlm_checkpoint(folder, tmp_path / "pipe2", tokenizer=str(tmp_path / "tok"))
+    assert MCDPipeline.from_pretrained(tmp_path / "pipe2").tokenizer.mask_token_id == VOCAB - 1
+    with pytest.raises(ValueError, match="tokenizer.*mask token has id 40.*mask_token_id is 36"):
+        convert_mdlm_checkpoint(folder, tmp_path / "pipe3", tokenizer=word_tokenizer(40))
+
+
+def test_command_line(tmp_path):
+    from mcd_hf.cli import main
+
+    state = published_state_dict(seed=8)
+    folder = write_hf_folder(tmp_path / "mdlm", state, False)
+    word_tokenizer(VOCAB - 1).save_pretrained(tmp_path / "tok")
+    assert main(["convert-mdlm", str(folder), str(tmp_path / "out"), "--tokenizer", str(tmp_path / "tok")]) == 0
+    from mcd_hf.pipeline_mcd import MCDPipeline
+
+    assert_matches_reference(MCDPipeline.from_pretrained(tmp_path / "out").model, state, False)

@@ -110,6 +110,8 @@ def _check_file(argument: str, path: str | None) -> str | None:
     extension = os.path.splitext(path)[1].lower()
     if extension not in TEXT_EXTENSIONS:
         raise ValueError(f"{argument}: expected a file ending in one of {sorted(TEXT_EXTENSIONS)}, got {path!r}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{argument}: file {path!r} is empty")
     return extension
 
 
@@ -142,8 +144,11 @@ def load_raw_datasets(args: DataArguments) -> DatasetDict | dict[str, Any]:
     return raw
 
 
-def _columns(dataset: Dataset | IterableDataset) -> list[str] | None:
-    return list(dataset.column_names) if dataset.column_names is not None else None
+def _columns(dataset: Dataset | IterableDataset) -> list[str]:
+    if dataset.column_names is not None:
+        return list(dataset.column_names)
+    first = next(iter(dataset), None)  # a stream with unknown features: read the names off its first row
+    return list(first) if first is not None else []
 
 
 def tokenize_and_pack(
@@ -163,10 +168,10 @@ def tokenize_and_pack(
     """
     columns = _columns(dataset)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    if columns is not None and text_column not in columns and "input_ids" in columns:
+    if text_column not in columns and "input_ids" in columns:
         function = functools.partial(_pack_pretokenized_batch, seq_len=seq_len, bos_token_id=bos, eos_token_id=eos)
     else:
-        if columns is not None and text_column not in columns:
+        if text_column not in columns:
             raise ValueError(f"text_column {text_column!r} is not a column of the dataset (columns: {columns})")
         function = functools.partial(
             _tokenize_and_pack_batch, tokenizer=tokenizer, text_column=text_column, seq_len=seq_len,
@@ -186,9 +191,10 @@ def check_pretokenized(dataset: Dataset, seq_len: int, vocab_size: int | None, m
     dataset = dataset.select_columns(["input_ids"])
     if len(dataset) == 0:
         raise ValueError("the pre-tokenized dataset is empty")
-    ids = torch.as_tensor(dataset.with_format("torch")["input_ids"])  # (N, L); ragged rows fail here
-    if ids.ndim != 2 or ids.shape[1] != seq_len:
-        raise ValueError(f"pre-tokenized rows must all have length seq_len={seq_len}, got shape {tuple(ids.shape)}")
+    ids = dataset.with_format("torch")[:]["input_ids"]  # (N, L), or a list of tensors when rows are ragged
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.shape[1] != seq_len:
+        lengths = sorted({len(row) for row in ids}) if not isinstance(ids, torch.Tensor) else [ids.shape[-1]]
+        raise ValueError(f"pre-tokenized rows must all have length seq_len={seq_len}, got lengths {lengths[:5]}")
     if ids.min() < 0 or (vocab_size is not None and ids.max() >= vocab_size):
         raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size}), got [{int(ids.min())}, {int(ids.max())}]")
     if mask_token_id is not None and bool((ids == mask_token_id).any()):

@@ -17,6 +17,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _deterministic_torch():
-    # Denormals slow CPU kernels by up to 2x (see shared/research); tests pin threads for repeatability.
+    # Denormals slow CPU kernels by up to 2x (see shared/research). One thread: the test models are tiny, so
+    # threading only adds overhead, and subprocess tests (two ranks) would otherwise oversubscribe 2 cores.
     torch.set_flush_denormal(True)
+    torch.set_num_threads(1)
     yield

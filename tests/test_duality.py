@@ -356,6 +356,16 @@ def test_subs_log_probs(mask_id):
     assert torch.allclose(log_probs[masked][:, keep], real[masked], atol=1e-6)
 
 
+def test_subs_log_probs_gradient():
+    logits = torch.randn(1, 4, 6, generator=torch.Generator().manual_seed(11), requires_grad=True)
+    ids = torch.tensor([[5, 2, 5, 0]])
+    log_probs = subs_log_probs(logits, ids, 5)
+    log_probs[0, 0, 1].backward()
+    assert torch.isfinite(logits.grad).all()
+    assert (logits.grad[0, 1] == 0).all() and (logits.grad[0, 3] == 0).all()  # carry-over rows are constant
+    assert (logits.grad[0, 0, :5] != 0).all() and logits.grad[0, 0, 5] == 0
+
+
 def test_subs_log_probs_upcasts_low_precision():
     logits = torch.randn(1, 3, 9, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
     ids = torch.full((1, 3), 8)

@@ -568,12 +568,17 @@ def subs_log_probs(logits: torch.Tensor, input_ids: torch.Tensor, mask_token_id:
     if logits.shape[:-1] != input_ids.shape:
         raise ValueError(f"`logits` {tuple(logits.shape)} must be `input_ids` {tuple(input_ids.shape)} plus a "
                          "vocabulary dimension.")
-    log_probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).clone()
-    log_probs[..., mask_token_id] = -math.inf
-    log_probs = torch.log_softmax(log_probs, dim=-1)
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    is_mask_column = torch.arange(logits.shape[-1], device=logits.device) == mask_token_id
+    log_probs = torch.log_softmax(logits.to(dtype).masked_fill(is_mask_column, -math.inf), dim=-1)
+    # Carry-over: visible rows become -inf except 0 at the visible token. At masked rows the scatter writes -inf
+    # into the mask column, which already holds -inf. In place when no gradient flows (one (B, L, V) buffer less).
     visible = (input_ids != mask_token_id).unsqueeze(-1)
-    carry_over = torch.full_like(log_probs, -math.inf).scatter_(-1, input_ids.unsqueeze(-1), 0.0)
-    return torch.where(visible, carry_over, log_probs)
+    column = torch.where(visible, input_ids.unsqueeze(-1), mask_token_id)
+    value = torch.zeros(visible.shape, dtype=dtype, device=logits.device).masked_fill(~visible, -math.inf)
+    if log_probs.requires_grad:
+        return log_probs.masked_fill(visible, -math.inf).scatter(-1, column, value)
+    return log_probs.masked_fill_(visible, -math.inf).scatter_(-1, column, value)
 
 
 def real_token_log_probs(logits: torch.Tensor, mask_token_id: int) -> torch.Tensor:

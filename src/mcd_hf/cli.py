@@ -61,13 +61,13 @@ def sample_command(args: argparse.Namespace) -> int:
 
     import torch
 
-    from . import MCDPipeline
+    from . import MaskedDualityScheduler, MCDPipeline
 
     if not os.path.isdir(args.pipeline) and (args.pipeline.startswith((".", "/")) or args.pipeline.count("/") != 1):
         raise CommandError(f"pipeline: {args.pipeline!r} is neither a folder nor a Hub id (org/name)")
     pipe = MCDPipeline.from_pretrained(args.pipeline, dtype=getattr(torch, args.dtype)).to(args.device)
     if args.sampler is not None:
-        pipe.scheduler.register_to_config(sampler=args.sampler)
+        pipe.scheduler = MaskedDualityScheduler.from_config(pipe.scheduler.config, sampler=args.sampler)
     out = pipe(
         args.prompt if args.prompt is None else [args.prompt] * args.num_samples,
         batch_size=args.num_samples,

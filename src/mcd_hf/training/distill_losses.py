@@ -130,11 +130,12 @@ def sample_times(
     """
     if not 0.0 <= dt < 1.0:
         raise ValueError(f"`dt` must be in [0, 1), got {dt}.")
+    draw_device = generator.device if generator is not None else device  # a generator draws on its own device
     if antithetic:
-        offset = torch.rand((), generator=generator, dtype=torch.float64)
-        uniform = (offset + torch.arange(batch_size, dtype=torch.float64) / batch_size) % 1.0
+        offset = torch.rand((), generator=generator, device=draw_device, dtype=torch.float64)
+        uniform = (offset + torch.arange(batch_size, device=draw_device, dtype=torch.float64) / batch_size) % 1.0
     else:
-        uniform = torch.rand(batch_size, generator=generator, dtype=torch.float64)
+        uniform = torch.rand(batch_size, generator=generator, device=draw_device, dtype=torch.float64)
     if on_grid:
         num_steps = round(1.0 / dt) if dt > 0 else 0
         if num_steps < 1 or not math.isclose(num_steps * dt, 1.0, rel_tol=1e-9):
@@ -207,7 +208,8 @@ def _logits(model: nn.Module, noisy: torch.LongTensor, schedule: NoiseSchedule, 
 def _prepare(input_ids, schedule, dt, time, generator, antithetic, on_grid, mask_token_id, model):
     mask_token_id = _model_mask_token_id(model) if mask_token_id is None else mask_token_id
     if time is None:
-        time = sample_times(input_ids.shape[0], dt, antithetic=antithetic, on_grid=on_grid, generator=_first(generator))
+        time = sample_times(input_ids.shape[0], dt, antithetic=antithetic, on_grid=on_grid, generator=_first(generator),
+                            device=input_ids.device)
     t = _per_sequence(time, input_ids.shape[0], input_ids.device)
     if bool((t - dt < -1e-12).any()):
         raise ValueError(f"Every `time` must be >= dt ({dt}) so that s = t - dt >= 0.")

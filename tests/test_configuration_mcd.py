@@ -42,6 +42,7 @@ def test_derived_defaults_follow_the_given_sizes():
         ({"dropout": 1.0}, "dropout"),
         ({"rope_theta": 0.0}, "rope_theta"),
         ({"time_conditioning": "yes"}, "time_conditioning"),
+        ({"shadow_feature_size": 0}, "shadow_feature_size"),
     ],
 )
 def test_invalid_values_raise_naming_the_field(kwargs, field):
@@ -58,7 +59,7 @@ def test_save_load_round_trip_keeps_fields_and_dtype(tmp_path):
     loaded = MaskedDiffusionLMConfig.from_pretrained(tmp_path)
     for name in ("vocab_size", "mask_token_id", "hidden_size", "num_hidden_layers", "num_attention_heads", "cond_dim",
                  "intermediate_size", "max_position_embeddings", "time_conditioning", "dropout", "rope_theta",
-                 "tie_word_embeddings", "noise_conditioning"):
+                 "tie_word_embeddings", "noise_conditioning", "shadow_feature_size"):
         assert getattr(loaded, name) == getattr(config, name), name
     assert loaded.dtype == torch.bfloat16
     assert '"dtype": "bfloat16"' in (tmp_path / "config.json").read_text()

@@ -328,3 +328,54 @@ def test_model_metadata():
     assert model.get_output_embeddings() is model.output_layer.linear
     # Untied by default, as MDLM: the output head and embedding are separate tensors.
     assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+
+
+def shadow_student(teacher: MaskedDiffusionLM) -> MaskedDiffusionLM:
+    student = MaskedDiffusionLM(tiny_config(**{**teacher.config.to_diff_dict(), "noise_conditioning": True}))
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    assert sorted(missing) == ["shadow_embed.linear.bias", "shadow_embed.linear.weight"] and not unexpected
+    return student.eval()
+
+
+def test_zero_initialised_shadow_embedding_keeps_the_teacher():
+    teacher = tiny_model(time_conditioning=True)
+    student = shadow_student(teacher)
+    ids = random_ids(2, 10)
+    ids[:, ::2] = teacher.config.mask_token_id
+    shadow = torch.rand(2, 10, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(student(ids, 0.5, shadow_features=shadow).logits, teacher(ids, 0.5).logits)
+
+
+def test_shadow_embedding_reads_masked_positions_only(tmp_path):
+    student = shadow_student(tiny_model())
+    with torch.no_grad():
+        student.shadow_embed.linear.weight.normal_(0, 0.2, generator=torch.Generator().manual_seed(1))
+    ids = random_ids(2, 10)
+    first, second = torch.rand(2, 2, 10, 2, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        # No masked token: the shadow has nothing to act on.
+        assert torch.equal(student(ids, shadow_features=first).logits, student(ids, shadow_features=second).logits)
+        masked = ids.clone()
+        masked[:, 3] = student.config.mask_token_id
+        changed = student(masked, shadow_features=first).logits - student(masked, shadow_features=second).logits
+    assert changed.abs().max() > 1e-3
+    # Only position 3's shadow matters: changing the others' leaves the logits as they were.
+    third = first.clone()
+    third[:, [0, 1, 2, 4]] = second[:, [0, 1, 2, 4]]
+    with torch.no_grad():
+        assert torch.equal(student(masked, shadow_features=third).logits, student(masked, shadow_features=first).logits)
+        student.save_pretrained(tmp_path)
+        loaded = MaskedDiffusionLM.from_pretrained(tmp_path).eval()
+        assert torch.equal(loaded(masked, shadow_features=first).logits, student(masked, shadow_features=first).logits)
+
+
+def test_shadow_features_are_checked():
+    student = shadow_student(tiny_model())
+    ids = random_ids(2, 6)
+    with pytest.raises(ValueError, match="shadow_features is required"):
+        student(ids)
+    with pytest.raises(ValueError, match=r"shadow_features must have shape \(2, 6, 2\)"):
+        student(ids, shadow_features=torch.rand(2, 6))
+    with pytest.raises(ValueError, match="noise_conditioning"):
+        tiny_model()(ids, shadow_features=torch.rand(2, 6, 2))

@@ -46,7 +46,12 @@ class MaskedDiffusionLMConfig(PreTrainedConfig):
         tie_word_embeddings (`bool`, defaults to `False`):
             Share the output projection with the token embedding. MDLM does not.
         noise_conditioning (`bool`, defaults to `False`):
-            Reserved: adds a shadow embedding (see issue 10). Stored only; the current model ignores it.
+            Adds a shadow embedding (see issue 10): `forward` then takes `shadow_features`, per-position values of
+            the latent shadow, embedded and added to the input at masked positions. Zero-initialised, so a model
+            that gains it keeps its outputs until it is trained.
+        shadow_feature_size (`int`, defaults to 2):
+            Number of shadow features per position (e.g. the normalised time until the token is revealed and its
+            value noise), used when `noise_conditioning` is True.
 
     Example:
 
@@ -74,6 +79,7 @@ class MaskedDiffusionLMConfig(PreTrainedConfig):
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
     noise_conditioning: bool = False
+    shadow_feature_size: int = 2
 
     def __post_init__(self, **kwargs):
         if self.mask_token_id is None and _is_int(self.vocab_size):
@@ -102,6 +108,7 @@ class MaskedDiffusionLMConfig(PreTrainedConfig):
             "cond_dim",
             "intermediate_size",
             "max_position_embeddings",
+            "shadow_feature_size",
         ):
             value = getattr(self, name)
             if not _is_int(value) or value <= 0:

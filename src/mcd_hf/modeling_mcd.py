@@ -103,6 +103,28 @@ class MCDTimestepEmbedder(nn.Module):
         return self.mlp(features)
 
 
+class MCDShadowEmbedder(nn.Module):
+    """Embeds per-position shadow features (values in [0, 1]) for a noise-conditioned model (issue 10).
+
+    Each feature gets Fourier features `[cos(pi 2^k x), sin(pi 2^k x)]`, k < 16, resolving differences down to about
+    2^-16; one zero-initialised linear layer maps them to the hidden size.
+    """
+
+    num_frequencies = 16
+
+    def __init__(self, num_features: int, hidden_size: int):
+        super().__init__()
+        self.linear = MCDZeroInitLinear(2 * self.num_frequencies * num_features, hidden_size)
+
+    def forward(self, shadow_features: torch.Tensor) -> torch.Tensor:
+        frequencies = math.pi * 2.0 ** torch.arange(
+            self.num_frequencies, dtype=torch.float32, device=shadow_features.device
+        )
+        angles = shadow_features.float()[..., None] * frequencies  # (B, L, F, num_frequencies)
+        features = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1).flatten(-2)
+        return self.linear(features.to(self.linear.weight.dtype))
+
+
 class MCDRotaryEmbedding(nn.Module):
     """cos/sin tables of the rotary embedding, recomputed per call in float32 (cheap, and no buffer to load)."""
 
@@ -231,6 +253,8 @@ class MaskedDiffusionLM(PreTrainedModel):
             [MCDTransformerBlock(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
         self.output_layer = MCDFinalLayer(config)
+        if config.noise_conditioning:
+            self.shadow_embed = MCDShadowEmbedder(config.shadow_feature_size, config.hidden_size)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -262,6 +286,7 @@ class MaskedDiffusionLM(PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         return_dict: bool | None = None,
+        shadow_features: torch.Tensor | None = None,
     ) -> MaskedLMOutput | tuple:
         r"""
         Args:
@@ -278,6 +303,9 @@ class MaskedDiffusionLM(PreTrainedModel):
                 -100. This is a plain token loss for convenience; the diffusion NELBO lives in `mcd_hf.training`.
             return_dict (`bool`, *optional*):
                 Return a `MaskedLMOutput` (default) instead of a tuple.
+            shadow_features (`torch.Tensor` of shape `(batch_size, seq_len, config.shadow_feature_size)`, *optional*):
+                Only for `config.noise_conditioning` (and then required): the latent shadow of each position as
+                values in [0, 1]; embedded and added to the input of masked positions only.
 
         Returns:
             `MaskedLMOutput` with `logits` of shape `(batch_size, seq_len, vocab_size)` and `loss` when `labels`
@@ -291,6 +319,10 @@ class MaskedDiffusionLM(PreTrainedModel):
             attention_mask = self._check_attention_mask(attention_mask, input_ids)
 
         hidden_states = self.vocab_embed(input_ids)
+        if self.config.noise_conditioning:
+            hidden_states = hidden_states + self._shadow_embedding(shadow_features, input_ids)
+        elif shadow_features is not None:
+            raise ValueError("shadow_features is only read by a model with config.noise_conditioning=True")
         conditioning = F.silu(self.sigma_map(sigma)).to(hidden_states.dtype)
         position_embeddings = self.rotary_emb(seq_len, device=hidden_states.device, dtype=hidden_states.dtype)
         attention_mask = create_bidirectional_mask(
@@ -352,6 +384,16 @@ class MaskedDiffusionLM(PreTrainedModel):
         if not self.config.time_conditioning:
             return torch.zeros(batch_size, device=device)
         return timesteps.float()
+
+    def _shadow_embedding(self, shadow_features: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
+        expected = (*input_ids.shape, self.config.shadow_feature_size)
+        if shadow_features is None:
+            raise ValueError("shadow_features is required when noise_conditioning is True")
+        if tuple(shadow_features.shape) != expected:
+            raise ValueError(f"shadow_features must have shape {expected}, got {tuple(shadow_features.shape)}")
+        # Visible tokens are fixed whatever the shadow says, so only masked positions read it.
+        is_masked = (input_ids == self.config.mask_token_id).unsqueeze(-1)
+        return self.shadow_embed(shadow_features.to(input_ids.device)) * is_masked
 
     def _check_attention_mask(self, attention_mask: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         if attention_mask.shape != input_ids.shape:

@@ -321,6 +321,14 @@ def test_config_overrides_and_attention_implementation(tmp_path):
     assert model.config.max_position_embeddings == 128 and model.config.dropout == 0.0
     assert model.config._attn_implementation == "eager"
     assert_matches_reference(model, state, False)
+    # A noise-conditioned student built from the checkpoint starts as the teacher (zero shadow embedding).
+    student = convert_mdlm_checkpoint(folder, noise_conditioning=True)
+    assert torch.count_nonzero(student.shadow_embed.linear.weight) == 0
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        shadow = torch.rand(2, 7, 2)
+        # (`model` runs eager attention, the student sdpa: equal up to float32 rounding)
+        torch.testing.assert_close(student(ids, shadow_features=shadow).logits, model(ids).logits, atol=1e-5, rtol=0)
     bf16 = convert_mdlm_checkpoint(folder, dtype=torch.bfloat16)
     assert bf16.dtype == torch.bfloat16
     with warnings.catch_warnings():

@@ -164,7 +164,11 @@ def mdlm_state_dict_to_mcd(
     Returns:
         A state dict with `model`'s keys, ready for `model.load_state_dict`.
     """
-    target_shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    target_state = model.state_dict()
+    # A noise-conditioned model (issue 10) may be built from a plain checkpoint: its zero-initialised shadow
+    # embedding keeps its initial values, so the converted model still computes the source's function.
+    kept = {name: tensor for name, tensor in target_state.items() if name.startswith("shadow_embed.")}
+    target_shapes = {name: tuple(tensor.shape) for name, tensor in target_state.items() if name not in kept}
     source_names = {RENAMED_KEYS.get(name, name): name for name in state_dict}  # target name -> source name
     inverse = {target: source for source, target in RENAMED_KEYS.items()}
 
@@ -189,7 +193,7 @@ def mdlm_state_dict_to_mcd(
             raise ValueError(message + " (pass strict=False to convert anyway)")
         warnings.warn(message + "; they were ignored (strict=False)", UserWarning, stacklevel=3)
 
-    return {name: state_dict[source_names[name]] for name in target_shapes}
+    return {**{name: state_dict[source_names[name]] for name in target_shapes}, **kept}
 
 
 def _check_rotary(inv_freq: torch.Tensor, config: MaskedDiffusionLMConfig) -> None:

@@ -13,6 +13,7 @@ from .metrics import (
     paired_difference,
     unigram_entropy,
 )
+from .quality import RevealPairStatistics, SamplingReport, evaluate_sampling, paired_comparison, reveal_pair_statistics
 from .sources import HiddenMarkovSource, KnownLikelihoodSource, MarkovChainSource, get_source
 
 __all__ = [
@@ -21,11 +22,16 @@ __all__ = [
     "KnownLikelihoodSource",
     "MarkovChainSource",
     "MeanInterval",
+    "RevealPairStatistics",
+    "SamplingReport",
     "bigram_entropy",
+    "evaluate_sampling",
     "generative_perplexity",
     "get_source",
     "mean_and_interval",
     "ngram_diversity",
+    "paired_comparison",
     "paired_difference",
+    "reveal_pair_statistics",
     "unigram_entropy",
 ]

@@ -12,7 +12,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from mcd_hf.configuration_mcd import MaskedDiffusionLMConfig

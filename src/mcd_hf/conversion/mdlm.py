@@ -213,7 +213,9 @@ def _infer_config_values(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Architecture values readable from the weights of a raw state dict."""
     for key in ("vocab_embed.embedding", "sigma_map.mlp.0.weight", "blocks.0.mlp.0.weight"):
         if key not in state_dict:
-            raise ValueError(f"the source is not an MDLM backbone state dict: no {key!r} among {sorted(state_dict)[:8]}...")
+            raise ValueError(
+                f"the source is not an MDLM backbone state dict: no {key!r} among {sorted(state_dict)[:8]}..."
+            )
     vocab_size, hidden_size = state_dict["vocab_embed.embedding"].shape
     values = {
         "vocab_size": vocab_size,
@@ -233,7 +235,7 @@ def _strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     Keys outside the backbone (e.g. a Lightning module's other children) keep their names and are reported later.
     """
     if any(key.startswith("backbone.") for key in state_dict):
-        state_dict = {key[len("backbone."):] if key.startswith("backbone.") else key: v for key, v in state_dict.items()}
+        state_dict = {key.removeprefix("backbone."): value for key, value in state_dict.items()}
     if any(key.startswith("_orig_mod.") for key in state_dict):
         state_dict = {key.removeprefix("_orig_mod."): value for key, value in state_dict.items()}
     return state_dict
@@ -303,7 +305,9 @@ def _load_folder(folder: Path) -> tuple[dict, dict, None]:
             state_dict.update(load_file(folder / shard))
     else:
         found = sorted(p.name for p in folder.iterdir())
-        raise ValueError(f"source: {str(folder)!r} has no model.safetensors (weights load from safetensors only); found {found}")
+        raise ValueError(
+            f"source: {str(folder)!r} has no model.safetensors (weights load from safetensors only); found {found}"
+        )
     return state_dict, mdlm_config, None
 
 
@@ -339,7 +343,8 @@ def _prepare_tokenizer(tokenizer: Any, config: MaskedDiffusionLMConfig, revision
 
     if isinstance(tokenizer, (str, os.PathLike)):
         with hub_errors_as_unreachable(f"load the tokenizer {str(tokenizer)!r}"):
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer, revision=revision if not os.path.isdir(tokenizer) else None)
+            local = os.path.isdir(tokenizer)
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer, revision=None if local else revision)
     else:
         tokenizer = copy.deepcopy(tokenizer)  # ensure_mask_token edits in place; the caller's object stays as it was
     tokenizer = ensure_mask_token(tokenizer)

@@ -84,30 +84,32 @@ def sample_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="an HF MDLM folder, a Hub id, or a state-dict file (.safetensors/.bin/.ckpt)")
+    parser.add_argument("output_dir")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder or id: writes a full MCDPipeline")
+    parser.add_argument("--num_attention_heads", type=int, default=None, help="raw state-dict files only")
+    parser.add_argument("--time_conditioning", action=argparse.BooleanOptionalAction, default=None,
+                        help="raw state-dict files only (MDLM-OWT: --no-time_conditioning)")
+    parser.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=None,
+                        help="take the EMA weights of a Lightning checkpoint (default: when present)")
+    parser.add_argument("--no_strict", action="store_true", help="warn about unknown keys instead of failing")
+
+
 def convert_command(args: argparse.Namespace) -> int:
     from .conversion import convert_mdlm_checkpoint
 
-    tokenizer = None
-    if args.tokenizer:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    convert_mdlm_checkpoint(args.source, args.output_dir, tokenizer=tokenizer)
+    overrides = {name: getattr(args, name) for name in ("num_attention_heads", "time_conditioning")
+                 if getattr(args, name) is not None}
+    convert_mdlm_checkpoint(args.source, args.output_dir, tokenizer=args.tokenizer, strict=not args.no_strict,
+                            use_ema=args.use_ema, **overrides)
     print(f"wrote {args.output_dir}")
     return 0
 
 
 LOCAL = {
     "sample": (add_sample_arguments, sample_command, "sample from a pipeline folder or Hub id"),
-    "convert-mdlm": (
-        lambda p: (
-            p.add_argument("source", help="an HF MDLM folder, a Hub id or a state-dict file"),
-            p.add_argument("output_dir"),
-            p.add_argument("--tokenizer", default=None, help="tokenizer folder or id: writes a full MCDPipeline"),
-        ),
-        convert_command,
-        "import a published MDLM checkpoint",
-    ),
+    "convert-mdlm": (add_convert_arguments, convert_command, "import a published MDLM checkpoint"),
 }
 
 

@@ -52,6 +52,10 @@ class MaskedDiffusionLMConfig(PreTrainedConfig):
         shadow_feature_size (`int`, defaults to 2):
             Number of shadow features per position (e.g. the normalised time until the token is revealed and its
             value noise), used when `noise_conditioning` is True.
+        shadow_grid_size (`int`, *optional*):
+            The fine time grid of the shadow features (the teacher's step count a noise-conditioned student was
+            distilled from): the time until a position is revealed is counted in steps of `1 / shadow_grid_size`.
+            Samplers of such a model use a step count dividing it.
 
     Example:
 
@@ -80,6 +84,7 @@ class MaskedDiffusionLMConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
     noise_conditioning: bool = False
     shadow_feature_size: int = 2
+    shadow_grid_size: int | None = None
 
     def __post_init__(self, **kwargs):
         if self.mask_token_id is None and _is_int(self.vocab_size):
@@ -136,6 +141,8 @@ class MaskedDiffusionLMConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if self.shadow_grid_size is not None and (not _is_int(self.shadow_grid_size) or self.shadow_grid_size <= 0):
+            raise ValueError(f"shadow_grid_size must be a positive integer or None, got {self.shadow_grid_size!r}")
         for name in ("time_conditioning", "tie_word_embeddings", "noise_conditioning"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")

@@ -44,6 +44,8 @@ __all__ = [
     "sample_gaussian_latent",
     "sample_shadow",
     "sample_threshold_shadow",
+    "shadow_features",
+    "shadow_reveal_index",
     "subs_log_probs",
     "threshold_to_uniform",
 ]
@@ -534,6 +536,77 @@ def mask_from_shadow(
     except ValueError as error:
         raise ValueError(f"`alpha`: {error}") from None
     return torch.where(shadow > alpha, torch.full_like(x, mask_token_id), x)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shadow features: the noise as an input of a noise-conditioned student (issue 10)
+
+
+def _grid_index(t: torch.Tensor, grid_size: int) -> torch.Tensor:
+    """Index `c` of times `t = 1 - c / grid_size` on the fine grid; ValueError for a time off the grid."""
+    index = torch.round((1.0 - t) * grid_size)
+    if bool(((index - (1.0 - t) * grid_size).abs() > 1e-6).any()) or bool(((index < 0) | (index > grid_size)).any()):
+        raise ValueError(f"`t` must lie on the fine grid {{1 - c / {grid_size}}}, c = 0..{grid_size}.")
+    return index.long()
+
+
+def shadow_reveal_index(shadow: torch.Tensor, schedule: NoiseSchedule, grid_size: int) -> torch.Tensor:
+    """The fine-grid index at which the shadow sampler reveals each position: the first `m` with `alpha(g_m) >= u`.
+
+    The fine grid is `g_m = 1 - m / grid_size`, `m = 0..grid_size` (the shadow sampler's time grid at
+    `grid_size` steps, and a refinement of its grid at every step count dividing `grid_size`). A position with
+    `u > alpha(0)` (possible only when `alpha(0) < 1`) is decided by the last step: index `grid_size`.
+
+    Args:
+        shadow (`torch.Tensor`): uniform shadows `u`, any shape.
+        schedule ([`NoiseSchedule`]): the masking schedule.
+        grid_size (`int`): number of fine steps on [0, 1] (e.g. the teacher's step count `T`).
+
+    Returns:
+        `torch.LongTensor` of the shape of `shadow`, values in `[0, grid_size]`.
+    """
+    if isinstance(grid_size, bool) or not isinstance(grid_size, (int, np.integer)) or grid_size < 1:
+        raise ValueError(f"`grid_size` must be a positive integer (number of fine steps), got {grid_size!r}.")
+    grid = 1.0 - torch.arange(grid_size + 1, dtype=torch.float64) / grid_size
+    grid[-1] = 0.0  # as the scheduler's grid, so both compare the shadow against the same float64 alphas
+    alphas = schedule.alpha(grid).to(shadow.device)
+    index = torch.searchsorted(alphas, shadow.to(torch.float64).contiguous(), right=False)
+    return index.clamp(max=grid_size)
+
+
+def shadow_features(
+    shadow: torch.Tensor,
+    value_noise: torch.Tensor,
+    t: float | torch.Tensor,
+    schedule: NoiseSchedule,
+    grid_size: int,
+) -> torch.Tensor:
+    """The per-position noise a noise-conditioned student reads at time `t` (one function for training and sampling).
+
+    Feature 0 is the time until the shadow sampler reveals the position, counted in fine-grid steps and divided
+    by `grid_size`: `k / grid_size` with `k = m - c >= 1` for a position masked at `t = 1 - c / grid_size` (`m`
+    from [`shadow_reveal_index`]); 0 for a position already visible. Positions revealed in the same step of a
+    sampler at `N` steps (`N` dividing `grid_size`) are those whose `k` falls in the same block of
+    `grid_size / N`; within the block `k` is the order in which a `grid_size`-step sampler would reveal them.
+    Feature 1 is the value noise `r` (the inverse-CDF uniform of the token's value).
+
+    Args:
+        shadow (`torch.Tensor` of shape `(B, L)`): uniform shadows `u`.
+        value_noise (`torch.Tensor` of shape `(B, L)`): value noise `r` in [0, 1).
+        t (`float` or `torch.Tensor`): the current time, a scalar or one per sequence `(B,)`, on the fine grid.
+        schedule ([`NoiseSchedule`]): the masking schedule.
+        grid_size (`int`): number of fine steps (the teacher's step count the student was distilled from).
+
+    Returns:
+        `torch.Tensor` of shape `(B, L, 2)`, float32, values in [0, 1].
+    """
+    if shadow.ndim != 2 or value_noise.shape != shadow.shape:
+        raise ValueError(f"`shadow` and `value_noise` must both be (B, L), got {tuple(shadow.shape)} and "
+                         f"{tuple(value_noise.shape)}.")
+    current = _per_row(_grid_index(_as_float64(t, shadow.device), grid_size), shadow)
+    steps_until_reveal = (shadow_reveal_index(shadow, schedule, grid_size) - current).clamp(min=0)
+    features = torch.stack([steps_until_reveal.to(torch.float64) / grid_size, value_noise.to(torch.float64)], dim=-1)
+    return features.to(torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from .duality import (
     mask_from_shadow,
     reveal_probability,
     sample_shadow,
+    shadow_features,
     subs_log_probs,
 )
 
@@ -306,6 +307,32 @@ class MaskedDualityScheduler(SchedulerMixin, ConfigMixin):
         if self.config.unmasking == "confidence":
             return self._confidence_count(masked, alpha_s).squeeze(-1) > 0
         return (masked & (self._shadow <= alpha_s)).any(dim=-1)
+
+    def shadow_features(self, timestep: float | torch.Tensor, grid_size: int) -> torch.Tensor:
+        """The shadow features a noise-conditioned model reads at `timestep` (shadow sampler, after `init_noise`).
+
+        `mcd_hf.duality.shadow_features` of this sampler's shadows and value noise: per position, the fine-grid
+        steps until it is revealed (over `grid_size`) and its value noise. They change with `timestep` even when the
+        tokens do not, so a noise-conditioned model's output cannot be reused across steps that reveal tokens.
+
+        Args:
+            timestep (`float` or `torch.Tensor`): an element of `self.timesteps`.
+            grid_size (`int`): the fine grid the model was trained on (its `config.shadow_grid_size`); a multiple
+                of `num_inference_steps`.
+
+        Returns:
+            `torch.Tensor` of shape `(B, L, 2)`, float32, on the device of the noise.
+        """
+        if self.config.sampler != "shadow":
+            raise ValueError("a noise-conditioned model reads the shadow sampler's noise: use "
+                             "`MaskedDualityScheduler(sampler='shadow')` (e.g. `from_config(config, sampler='shadow')`).")
+        if self._shadow is None:
+            raise ValueError("call `init_noise` before `shadow_features`: the shadow noise is not drawn yet.")
+        index = self.index_for_timestep(timestep)
+        if isinstance(grid_size, bool) or not isinstance(grid_size, int) or grid_size % self.num_inference_steps:
+            raise ValueError(f"`grid_size` must be a multiple of num_inference_steps ({self.num_inference_steps}), "
+                             f"got {grid_size!r}: the model's fine grid must refine the sampler's.")
+        return shadow_features(self._shadow, self._value_noise, self.timesteps[index].item(), self.schedule, grid_size)
 
     def _confidence_count(self, masked: torch.Tensor, alpha_s: torch.Tensor) -> torch.Tensor:
         # Shadow sampler, confidence order: reveal enough that as many generated (initially masked) positions are

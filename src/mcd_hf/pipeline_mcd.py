@@ -181,7 +181,14 @@ class MCDPipeline(DiffusionPipeline):
 
     def _model_logits(self, sample: torch.LongTensor, timestep: torch.Tensor) -> torch.Tensor:
         noise_level = self.scheduler.noise_level(timestep, sample.shape[0]).to(sample.device)
-        return self.model(input_ids=sample, timesteps=noise_level).logits
+        if not getattr(self.model.config, "noise_conditioning", False):
+            return self.model(input_ids=sample, timesteps=noise_level).logits
+        # A noise-conditioned student (issue 10) also reads the shadow sampler's noise at this time.
+        grid_size = self.model.config.shadow_grid_size
+        if grid_size is None:
+            raise ValueError("a noise-conditioned model needs `model.config.shadow_grid_size` (its fine time grid).")
+        features = self.scheduler.shadow_features(timestep, grid_size).to(sample.device)
+        return self.model(input_ids=sample, timesteps=noise_level, shadow_features=features).logits
 
     @torch.no_grad()
     def __call__(
@@ -248,8 +255,10 @@ class MCDPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         self.scheduler.init_noise(sample, generator=generator)
 
-        # A model without time conditioning sees only the tokens: same tokens, same logits.
-        reuse_unchanged = not self.model.config.time_conditioning
+        # A model without time conditioning sees only the tokens: same tokens, same logits. Not so for a
+        # noise-conditioned model: its shadow features count the steps until each reveal, which change with time.
+        reuse_unchanged = not (self.model.config.time_conditioning
+                               or getattr(self.model.config, "noise_conditioning", False))
         logits = None
         logits_input = None
         num_model_calls = 0

@@ -37,6 +37,8 @@ from .trainer import Trainer, TrainingArguments, TrainOutput, create_accelerator
 logger = logging.getLogger(__name__)
 
 TEACHER_UPDATES = ("raw", "ema")
+# "shadow": the noise-conditioned student of issue 10, in mcd_hf.training.shadow_distillation.
+DISTILL_METHODS = (*METHODS, "shadow")
 TIME_SAMPLING = ("uniform", "grid")
 
 
@@ -73,7 +75,7 @@ class DistillationArguments:
     teacher_name: str | None = None
 
     def __post_init__(self):
-        for name, choices in (("method", METHODS), ("divergence", DIVERGENCES), ("coupling", COUPLINGS),
+        for name, choices in (("method", DISTILL_METHODS), ("divergence", DIVERGENCES), ("coupling", COUPLINGS),
                               ("teacher_update", TEACHER_UPDATES), ("time_sampling", TIME_SAMPLING)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
@@ -417,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_arguments(parser)
     defaults = DistillationArguments()
     group = parser.add_argument_group("distillation")
-    group.add_argument("--method", choices=METHODS, default=defaults.method)
+    group.add_argument("--method", choices=DISTILL_METHODS, default=defaults.method)
     group.add_argument("--divergence", choices=DIVERGENCES, default=defaults.divergence)
     group.add_argument("--coupling", choices=COUPLINGS, default=defaults.coupling)
     group.add_argument("--num_rounds", type=int, default=defaults.num_rounds)
@@ -429,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--no_antithetic", dest="antithetic", action="store_false")
     group.add_argument("--validation_num_samples", type=int, default=defaults.validation_num_samples)
     group.add_argument("--validation_seq_len", type=int, default=None)
+    from .shadow_distillation import add_shadow_arguments
+
+    add_shadow_arguments(parser)
     _add_training_arguments(parser)
     # Distillation fine-tunes: a lower default rate than pretraining; the length comes from the rounds.
     parser.set_defaults(learning_rate=1e-4, max_train_steps=None)
@@ -514,10 +519,16 @@ def distill(argv: Sequence[str] | None = None) -> TrainOutput:
         train_dataset=train_dataset, validation_dataset=validation_dataset,
     )
     model = model.float().train()
-    trainer = DistillationTrainer(
+    trainer_class, extra = DistillationTrainer, {}
+    if args.method == "shadow":
+        from .shadow_distillation import shadow_trainer_setup
+
+        model, trainer_class, extra = shadow_trainer_setup(model, args, distill_args)
+    trainer = trainer_class(
         model, training_args, distill_args, data.train, data.validation, scheduler=scheduler, source=source,
         card_info=card_info, tokenizer=tokenizer, accelerator=accelerator,
         data_description=description or data.description, shuffle_buffer_size=data_args.shuffle_buffer_size,
+        **extra,
     )
     output = trainer.train()
     if accelerator.is_main_process:

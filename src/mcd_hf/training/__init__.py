@@ -3,13 +3,14 @@
 Distillation (MCD, SDTT) builds on the same :class:`Trainer` (see ``training/distillation.py``).
 """
 
+from .arguments import TrainingArguments
 from .checkpointing import latest_checkpoint, list_checkpoints
 from .data import DataArguments, TrainingData, pack_blocks, prepare_training_data
 from .ema import ExponentialMovingAverage
 from .losses import mdlm_loss, sample_times
 from .seeding import derive_seed
 from .teacher import MDLMTrainer, train_teacher
-from .trainer import NonFiniteLossError, Trainer, TrainingArguments, TrainOutput, create_accelerator
+from .trainer import NonFiniteLossError, Trainer, TrainOutput, create_accelerator
 
 __all__ = [
     "DataArguments",

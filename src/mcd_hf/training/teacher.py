@@ -19,9 +19,10 @@ from typing import Any, Sequence
 import torch
 
 from ..duality import NOISE_SCHEDULES, get_noise_schedule
+from .arguments import MIXED_PRECISION_CHOICES, REPORT_TO_CHOICES, TrainingArguments
 from .data import DataArguments, prepare_training_data
 from .losses import DEFAULT_TIME_EPS, mdlm_loss
-from .trainer import MIXED_PRECISION_CHOICES, REPORT_TO_CHOICES, Trainer, TrainingArguments, TrainOutput, create_accelerator
+from .trainer import Trainer, TrainOutput, create_accelerator
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,8 @@ class MDLMTrainer(Trainer):
 # Command line
 
 
-def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """Optimisation and bookkeeping flags, one per `TrainingArguments` field (shared with `examples/distill.py`)."""
     defaults = TrainingArguments()
     group = parser.add_argument_group("optimisation and bookkeeping")
     group.add_argument("--output_dir", required=True)
@@ -177,13 +179,16 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--time_eps", type=float, default=DEFAULT_TIME_EPS)
 
 
+_add_training_arguments = add_training_arguments  # the name distillation.py imported first
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train_teacher", description="Pretrain a masked diffusion LM (MDLM NELBO) with Accelerate."
     )
     add_data_arguments(parser)
     _add_model_arguments(parser)
-    _add_training_arguments(parser)
+    add_training_arguments(parser)
     return parser
 
 
@@ -346,4 +351,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = ["MDLMTrainer", "train_teacher", "main", "build_parser", "parse_args", "add_data_arguments",
+           "add_training_arguments", "training_arguments_from", "data_arguments_from",
            "load_or_build_tokenizer", "build_model"]

@@ -19,7 +19,7 @@ from mcd_hf.modeling_mcd import MaskedDiffusionLM
 from mcd_hf.pipeline_mcd import MCDPipeline
 from mcd_hf.scheduling_mcd import MaskedDualityScheduler
 from mcd_hf.tokenization import build_character_tokenizer
-from mcd_hf.training.distillation import DistillationArguments, DistillationTrainer, main
+from mcd_hf.training.distillation import DistillationArguments, DistillationTrainer, load_teacher, main
 from mcd_hf.training.trainer import TrainingArguments
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -162,6 +162,31 @@ def test_accelerate_launch_two_processes(teacher_folder, tmp_path, method):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
     assert result.returncode == 0, result.stderr[-4000:]
     check_student(output_dir, {"method": method, "training_steps": 4})
+
+
+def test_load_teacher_from_a_pipeline_a_model_folder_or_an_mdlm_checkpoint(teacher_folder, tmp_path):
+    pipe = MCDPipeline.from_pretrained(teacher_folder)
+    model_folder = str(tmp_path / "model")
+    pipe.model.save_pretrained(model_folder)
+    pipe.tokenizer.save_pretrained(model_folder)
+    # An MDLM raw state dict: keys under `backbone.`, the embedding as a bare `vocab_embed.embedding`.
+    mdlm_file = str(tmp_path / "mdlm.pt")
+    torch.save({("backbone." + key).replace("vocab_embed.weight", "vocab_embed.embedding"): value
+                for key, value in pipe.model.state_dict().items()}, mdlm_file)
+    x = torch.randint(0, pipe.mask_token_id, (2, SEQ_LEN), generator=torch.Generator().manual_seed(0))
+    x[:, ::3] = pipe.mask_token_id
+    expected = pipe.model(input_ids=x, timesteps=torch.ones(2)).logits
+    loaded = {
+        "pipeline": load_teacher(teacher_folder),
+        "model": load_teacher(model_folder, noise_schedule="linear"),
+        "mdlm": load_teacher(mdlm_file, mdlm_overrides={"num_attention_heads": 2, "time_conditioning": True}),
+    }
+    for name, (model, scheduler, tokenizer, _) in loaded.items():
+        assert torch.allclose(model(input_ids=x, timesteps=torch.ones(2)).logits, expected, atol=1e-6), name
+        assert scheduler.config.mask_token_id == pipe.mask_token_id
+    assert loaded["pipeline"][1].config.sampler == "shadow"  # the pipeline's own scheduler
+    assert loaded["model"][1].config.noise_schedule == "linear"
+    assert loaded["model"][2] is not None and loaded["mdlm"][2] is None
 
 
 def test_bad_arguments(teacher_folder, tmp_path):

@@ -180,10 +180,12 @@ def make_teacher(folder: str) -> str:
     return folder
 
 
-def test_student_starts_as_the_teacher(tmp_path):
+@pytest.mark.parametrize("extra_layers", [0, 2])
+def test_student_starts_as_the_teacher(tmp_path, extra_layers):
     teacher = MCDPipeline.from_pretrained(make_teacher(str(tmp_path / "teacher"))).model
-    student = make_noise_conditioned_student(teacher, TEACHER_STEPS)
+    student = make_noise_conditioned_student(teacher, TEACHER_STEPS, extra_layers=extra_layers)
     assert student.config.noise_conditioning and student.config.shadow_grid_size == TEACHER_STEPS
+    assert student.config.num_hidden_layers == teacher.config.num_hidden_layers + extra_layers
     assert not teacher.config.noise_conditioning  # the teacher's config is not touched
     ids = torch.randint(0, student.config.vocab_size, (2, SEQ_LEN), generator=torch.Generator().manual_seed(0))
     features = torch.rand(2, SEQ_LEN, 2, generator=torch.Generator().manual_seed(1))
@@ -221,16 +223,17 @@ def test_new_layers_get_the_higher_learning_rate(tmp_path):
     from mcd_hf.training.trainer import TrainingArguments
 
     pipe = MCDPipeline.from_pretrained(make_teacher(str(tmp_path / "teacher")))
-    student = make_noise_conditioned_student(pipe.model, TEACHER_STEPS)
+    student = make_noise_conditioned_student(pipe.model, TEACHER_STEPS, extra_layers=1)
     trainer = ShadowDistillationTrainer(
         student, TrainingArguments(output_dir=str(tmp_path / "out"), learning_rate=1e-4, max_train_steps=2, cpu=True),
         DistillationArguments(method="shadow", num_rounds=1, steps_per_round=2, teacher_steps=TEACHER_STEPS),
-        [], shadow_args=ShadowArguments(lr_multiplier=10.0), scheduler=pipe.scheduler,
+        [], shadow_args=ShadowArguments(lr_multiplier=10.0, extra_layers=1), scheduler=pipe.scheduler,
     )
     optimizer = trainer.create_optimizer(student)
     rates = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    new = ("shadow_embed.", "blocks.2.")  # the teacher has blocks 0 and 1
     for name, parameter in student.named_parameters():
-        assert rates[id(parameter)] == pytest.approx(1e-3 if name.startswith("shadow_embed.") else 1e-4), name
+        assert rates[id(parameter)] == pytest.approx(1e-3 if name.startswith(new) else 1e-4), name
     assert trainer.scheduler.config.sampler == "shadow"
     with pytest.raises(ValueError, match="noise-conditioned student"):
         ShadowDistillationTrainer(

@@ -65,11 +65,14 @@ class ShadowArguments:
         lr_multiplier: Learning-rate factor of the new shadow-embedding layers (they start at zero and learn slowly).
         still_masked_weight: Weight of positions the target leaves masked after its two steps (their target is its
             last distribution); 0 trains only the positions the student reveals.
+        extra_layers: Transformer blocks appended to the student (identity at the start: adaLN-Zero gates), so it
+            has depth to combine its neighbours' value noise with their distributions. Each costs a block per call.
     """
 
     divergence: str = "kl-fwd"
     lr_multiplier: float = 10.0
     still_masked_weight: float = 1.0
+    extra_layers: int = 0
 
     def __post_init__(self):
         if self.divergence not in DIVERGENCES:
@@ -78,32 +81,46 @@ class ShadowArguments:
             raise ValueError(f"shadow lr_multiplier must be > 0, got {self.lr_multiplier!r}")
         if not self.still_masked_weight >= 0:
             raise ValueError(f"shadow still_masked_weight must be >= 0, got {self.still_masked_weight!r}")
+        if isinstance(self.extra_layers, bool) or not isinstance(self.extra_layers, int) or self.extra_layers < 0:
+            raise ValueError(f"shadow extra_layers must be an int >= 0, got {self.extra_layers!r}")
 
 
 def _config(model: nn.Module):
     return getattr(model, "config", None) or model.module.config  # DDP wraps the model in `.module`
 
 
-def make_noise_conditioned_student(teacher: nn.Module, grid_size: int) -> nn.Module:
+def _new_prefixes(num_layers: int, extra_layers: int) -> tuple[str, ...]:
+    """Parameter-name prefixes of the layers a noise-conditioned student adds to its teacher."""
+    return (SHADOW_EMBEDDING_PREFIX, *(f"blocks.{index}." for index in range(num_layers - extra_layers, num_layers)))
+
+
+def make_noise_conditioned_student(teacher: nn.Module, grid_size: int, extra_layers: int = 0) -> nn.Module:
     """A noise-conditioned copy of ``teacher``: its weights plus a zero shadow embedding (same outputs, same samples).
 
     Args:
         teacher: A ``MaskedDiffusionLM`` (not noise-conditioned).
         grid_size: The fine time grid of the shadow features (the teacher's step count ``T``).
+        extra_layers: Blocks appended after the teacher's, with zero adaLN modulation (each is the identity until
+            trained).
     """
     config = copy.deepcopy(_config(teacher))
     if config.noise_conditioning:
         raise ValueError("teacher: already noise-conditioned; distil a plain MaskedDiffusionLM")
     config.noise_conditioning = True
     config.shadow_grid_size = int(grid_size)
+    config.num_hidden_layers += extra_layers
     config.validate()
     student = type(teacher)(config)
     missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
-    if unexpected or any(not key.startswith(SHADOW_EMBEDDING_PREFIX) for key in missing):
+    new = _new_prefixes(config.num_hidden_layers, extra_layers)
+    if unexpected or any(not key.startswith(new) for key in missing):
         raise ValueError(f"teacher: its weights do not fit the student (missing {missing}, unexpected {unexpected})")
-    with torch.no_grad():
+    with torch.no_grad():  # the student must start as the teacher exactly
         for parameter in student.shadow_embed.parameters():
-            parameter.zero_()  # the student must start as the teacher exactly
+            parameter.zero_()
+        for block in student.blocks[len(student.blocks) - extra_layers:]:
+            block.adaLN_modulation.weight.zero_()
+            block.adaLN_modulation.bias.zero_()
     return student.to(next(teacher.parameters()).device).train(teacher.training)
 
 
@@ -332,12 +349,13 @@ class ShadowDistillationTrainer(DistillationTrainer):
         self.shadow_args = shadow_args or ShadowArguments()
 
     def create_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        """AdamW as the base trainer, with the shadow embedding in its own groups at ``lr * lr_multiplier``."""
+        """AdamW as the base trainer, with the new layers (shadow embedding, extra blocks) at ``lr * lr_multiplier``."""
         groups = []
         new_rate = self.args.learning_rate * self.shadow_args.lr_multiplier
+        new = _new_prefixes(_config(model).num_hidden_layers, self.shadow_args.extra_layers)
         for is_new, rate in ((False, self.args.learning_rate), (True, new_rate)):
             named = [(name, p) for name, p in model.named_parameters()
-                     if p.requires_grad and (SHADOW_EMBEDDING_PREFIX in name) == is_new]
+                     if p.requires_grad and name.removeprefix("module.").startswith(new) == is_new]
             groups.append({"params": [p for _, p in named if p.ndim >= 2], "weight_decay": self.args.weight_decay,
                            "lr": rate})
             groups.append({"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0, "lr": rate})
@@ -365,7 +383,8 @@ class ShadowDistillationTrainer(DistillationTrainer):
         info = super().model_card_info()
         info.update(divergence=self.shadow_args.divergence, shadow_lr_multiplier=self.shadow_args.lr_multiplier,
                     shadow_still_masked_weight=self.shadow_args.still_masked_weight,
-                    shadow_grid_size=self.distill_args.teacher_steps, sampler="shadow (noise-conditioned student)")
+                    shadow_grid_size=self.distill_args.teacher_steps, shadow_extra_layers=self.shadow_args.extra_layers,
+                    sampler="shadow (noise-conditioned student)")
         return info
 
 
@@ -379,11 +398,15 @@ def add_shadow_arguments(parser: argparse.ArgumentParser) -> None:
                        help="learning-rate factor of the new shadow-embedding layers")
     group.add_argument("--shadow_still_masked_weight", type=float, default=defaults.still_masked_weight,
                        help="loss weight of positions the target leaves masked")
+    group.add_argument("--shadow_extra_layers", type=int, default=defaults.extra_layers,
+                       help="blocks appended to the student (identity at the start; each costs one block per call)")
 
 
 def shadow_trainer_setup(model: nn.Module, args: argparse.Namespace, distill_args: DistillationArguments):
     """``--method shadow`` in ``distillation.distill``: the student, the trainer class and its extra arguments."""
     shadow_args = ShadowArguments(divergence=args.shadow_divergence, lr_multiplier=args.shadow_lr_multiplier,
-                                  still_masked_weight=args.shadow_still_masked_weight)
-    student = make_noise_conditioned_student(model, grid_size=distill_args.teacher_steps)
+                                  still_masked_weight=args.shadow_still_masked_weight,
+                                  extra_layers=args.shadow_extra_layers)
+    student = make_noise_conditioned_student(model, grid_size=distill_args.teacher_steps,
+                                             extra_layers=shadow_args.extra_layers)
     return student, ShadowDistillationTrainer, {"shadow_args": shadow_args}

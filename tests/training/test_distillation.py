@@ -19,6 +19,7 @@ from mcd_hf.modeling_mcd import MaskedDiffusionLM
 from mcd_hf.pipeline_mcd import MCDPipeline
 from mcd_hf.scheduling_mcd import MaskedDualityScheduler
 from mcd_hf.tokenization import build_character_tokenizer
+from mcd_hf.training import checkpointing
 from mcd_hf.training.distillation import DistillationArguments, DistillationTrainer, load_teacher, main
 from mcd_hf.training.trainer import TrainingArguments
 
@@ -154,14 +155,19 @@ def test_resume_mid_round_continues_exactly(teacher_folder, tmp_path, method, te
 @pytest.mark.parametrize("method", ["mcd", "sdtt"])
 def test_accelerate_launch_two_processes(teacher_folder, tmp_path, method):
     output_dir = str(tmp_path / f"student-{method}")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+    # `--multi_gpu`: accelerate 1.x starts a single process for `--num_processes 2 --cpu`; on a CPU-only machine
+    # the trainer's Accelerator(cpu=True) makes the two processes a gloo group.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                os.path.join(REPO, "examples", "distill.py"),
-               *distill_argv(teacher_folder, output_dir, "--method", method, "--steps_per_round", "2")]
+               *distill_argv(teacher_folder, output_dir, "--method", method, "--steps_per_round", "2",
+                             "--checkpointing_steps", "4")]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
     assert result.returncode == 0, result.stderr[-4000:]
     check_student(output_dir, {"method": method, "training_steps": 4})
+    with open(os.path.join(output_dir, "checkpoint-4", checkpointing.COMPLETE_MARKER)) as handle:
+        assert json.load(handle)["num_processes"] == 2
 
 
 def test_load_teacher_from_a_pipeline_a_model_folder_or_an_mdlm_checkpoint(teacher_folder, tmp_path):

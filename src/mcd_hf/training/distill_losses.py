@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..duality import NoiseSchedule, inverse_cdf_tokens, mask_from_shadow, real_token_log_probs, sample_shadow
+from .losses import stratified_uniform
 
 DIVERGENCES = ("kl-bwd", "kl-fwd", "jsd")
 COUPLINGS = ("data", "teacher")
@@ -130,12 +131,7 @@ def sample_times(
     """
     if not 0.0 <= dt < 1.0:
         raise ValueError(f"`dt` must be in [0, 1), got {dt}.")
-    draw_device = generator.device if generator is not None else device  # a generator draws on its own device
-    if antithetic:
-        offset = torch.rand((), generator=generator, device=draw_device, dtype=torch.float64)
-        uniform = (offset + torch.arange(batch_size, device=draw_device, dtype=torch.float64) / batch_size) % 1.0
-    else:
-        uniform = torch.rand(batch_size, generator=generator, device=draw_device, dtype=torch.float64)
+    uniform = stratified_uniform(batch_size, generator=generator, device=device, antithetic=antithetic)
     if on_grid:
         num_steps = round(1.0 / dt) if dt > 0 else 0
         if num_steps < 1 or not math.isclose(num_steps * dt, 1.0, rel_tol=1e-9):

@@ -23,6 +23,25 @@ from ..duality import NoiseSchedule, mask_from_shadow, real_token_log_probs, sam
 DEFAULT_TIME_EPS = 1e-3
 
 
+def stratified_uniform(
+    batch_size: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    antithetic: bool = True,
+) -> torch.Tensor:
+    """`batch_size` uniforms on [0, 1) (float64, on the generator's device), the one draw behind every training time.
+
+    Antithetic (MDLM's low-discrepancy sampler): one uniform offset `r`, then `u_i = (r + i) / B`, so the batch
+    covers [0, 1) evenly while each `u_i` is still marginally uniform; this lowers the loss variance.
+    """
+    draw_device = generator.device if generator is not None else device  # a generator draws on its own device
+    if antithetic:
+        offset = torch.rand(1, generator=generator, device=draw_device, dtype=torch.float64)
+        return (offset + torch.arange(batch_size, device=draw_device, dtype=torch.float64)) / batch_size
+    return torch.rand(batch_size, generator=generator, device=draw_device, dtype=torch.float64)
+
+
 def sample_times(
     batch_size: int,
     *,
@@ -31,20 +50,11 @@ def sample_times(
     time_eps: float = DEFAULT_TIME_EPS,
     antithetic: bool = True,
 ) -> torch.Tensor:
-    """Diffusion times ``t ~ U[time_eps, 1]`` (float64, shape ``(batch_size,)``).
-
-    Antithetic (MDLM's low-discrepancy sampler): one uniform offset ``r``, then ``t_i = (r / B + i / B) mod 1``, so
-    the batch covers [0, 1] evenly while each ``t_i`` is still marginally uniform; this lowers the loss variance.
-    """
+    """Diffusion times `t ~ U[time_eps, 1]` (float64, shape `(batch_size,)`), stratified when `antithetic`."""
     if not 0.0 <= time_eps < 1.0:
         raise ValueError(f"time_eps must be in [0, 1), got {time_eps}")
-    draw_device = generator.device if generator is not None else device
-    if antithetic:
-        offset = torch.rand(1, generator=generator, device=draw_device, dtype=torch.float64)
-        t = (offset / batch_size + torch.arange(batch_size, device=draw_device, dtype=torch.float64) / batch_size) % 1
-    else:
-        t = torch.rand(batch_size, generator=generator, device=draw_device, dtype=torch.float64)
-    t = (1.0 - time_eps) * t + time_eps
+    uniform = stratified_uniform(batch_size, generator=generator, device=device, antithetic=antithetic)
+    t = (1.0 - time_eps) * uniform + time_eps
     return t.to(device) if device is not None else t
 
 

@@ -226,7 +226,8 @@ class MCDPipeline(DiffusionPipeline):
                 token tensor, no decoding).
             return_dict (`bool`): return an [`MCDPipelineOutput`] instead of a tuple.
             callback_on_step_end (`Callable`, *optional*): called as `callback(pipe, step_index, timestep,
-                callback_kwargs)` after each step; it may return a dict that replaces `sample`.
+                callback_kwargs)` after each step; it may return a dict that replaces `sample`. Steps that the
+                shadow sampler knows to reveal nothing are skipped whole, callback included.
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*): the tensors given in `callback_kwargs`,
                 among `sample`, `pred_original_sample`, `pred_logits`.
 
@@ -268,9 +269,10 @@ class MCDPipeline(DiffusionPipeline):
             if not (sample == self.mask_token_id).any():
                 break
             reveals = self.scheduler.step_reveals_tokens(timestep, sample)
-            nothing_to_reveal = reveals is not None and not bool(reveals.any())
+            if reveals is not None and not bool(reveals.any()):
+                continue  # the shadow sampler knows this step changes nothing: no forward, no step, no callback
             unchanged = logits_input is not None and torch.equal(sample, logits_input)
-            if logits is None or not ((reuse_unchanged and unchanged) or nothing_to_reveal):
+            if logits is None or not (reuse_unchanged and unchanged):
                 logits = self._model_logits(sample, timestep)
                 logits_input = sample
                 num_model_calls += 1

@@ -43,11 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps_per_round", type=int, default=400, help="the equal budget (MCD's)")
     parser.add_argument("--budget_multiplier", type=int, default=3, help="the larger shadow budget, x steps_per_round")
     parser.add_argument("--shadow_lr_multiplier", type=float, default=10.0)
+    parser.add_argument("--deep_extra_layers", type=int, default=2,
+                        help="also distil an equal-budget shadow student with this many extra blocks (0: skip)")
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--train_batch_size", type=int, default=32)
     parser.add_argument("--num_samples", type=int, default=2000, help="samples per evaluated system")
     parser.add_argument("--batch_size", type=int, default=250, help="sampling batch size")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a shared CPU, oversubscribed threads run many times slower)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--docs", default=None, help="a markdown file whose shadow-student section is replaced")
     return parser
@@ -57,6 +60,7 @@ def quick_overrides(args: argparse.Namespace) -> None:
     args.seq_len, args.teacher_steps, args.num_rounds = 32, 16, 2
     args.steps_per_round, args.budget_multiplier = 3, 2
     args.num_samples, args.batch_size = 64, 64
+    args.deep_extra_layers = min(args.deep_extra_layers, 1)
 
 
 def _trained(folder: str) -> bool:
@@ -79,7 +83,8 @@ def train_teacher(args: argparse.Namespace, folder: str) -> list[str]:
     return argv
 
 
-def distill(args: argparse.Namespace, teacher: str, folder: str, method: str, steps_per_round: int) -> list[str]:
+def distill(args: argparse.Namespace, teacher: str, folder: str, method: str, steps_per_round: int,
+            extra_layers: int = 0) -> list[str]:
     from mcd_hf.training.distillation import distill as run
 
     argv = ["--teacher", teacher, "--source", args.source, "--seq_len", str(args.seq_len),
@@ -93,6 +98,8 @@ def distill(args: argparse.Namespace, teacher: str, folder: str, method: str, st
         argv += ["--divergence", "kl-bwd", "--coupling", "data"]
     else:
         argv += ["--shadow_divergence", "kl-fwd", "--shadow_lr_multiplier", str(args.shadow_lr_multiplier)]
+        if extra_layers:
+            argv += ["--shadow_extra_layers", str(extra_layers)]
     if not _trained(folder):
         run(argv)
     return argv
@@ -176,7 +183,8 @@ def markdown(results: dict) -> str:
         f"{setup['train_batch_size']}, lr {setup['learning_rate']} (shadow embedding x{setup['shadow_lr_multiplier']}); "
         f"equal budget = {setup['steps_per_round']} steps per round (MCD's), larger budget = "
         f"{setup['steps_per_round'] * setup['budget_multiplier']}. Each shadow student step costs one forward of "
-        "the same network as the teacher's (plus the O(L) feature embedding).",
+        "the same network as the teacher's (plus the O(L) feature embedding); the `+N blocks` student appends N "
+        "identity-initialised blocks, so each of its calls costs (layers + N) / layers teacher calls.",
         "",
         "| system | steps | temperature | NLL - H | unigram entropy | bigram entropy | impossible pairs % | "
         "same-step / other pairs impossible % | same-step / other pair NLL | model calls |",
@@ -268,6 +276,11 @@ def main(argv: list[str] | None = None) -> dict:
     for name, steps_per_round in budgets.items():
         folders[name] = os.path.join(args.output_dir, f"shadow_{steps_per_round}")
         training[name] = distill(args, teacher_dir, folders[name], "shadow", steps_per_round)
+    if args.deep_extra_layers:
+        name = f"shadow (equal budget, +{args.deep_extra_layers} blocks)"
+        folders[name] = os.path.join(args.output_dir, f"shadow_{args.steps_per_round}_deep{args.deep_extra_layers}")
+        training[name] = distill(args, teacher_dir, folders[name], "shadow", args.steps_per_round,
+                                 extra_layers=args.deep_extra_layers)
 
     evaluate = Evaluator(args)
     teacher = MCDPipeline.from_pretrained(teacher_dir)
@@ -297,6 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "num_samples": args.num_samples, "steps_per_round": args.steps_per_round,
                   "budget_multiplier": args.budget_multiplier, "learning_rate": args.learning_rate,
                   "shadow_lr_multiplier": args.shadow_lr_multiplier, "train_batch_size": args.train_batch_size,
+                  "deep_extra_layers": args.deep_extra_layers,
                   "quick": args.quick},
         "rows": [row(report) for report in rows],
         "comparisons": comparisons,

@@ -1,8 +1,9 @@
 """Beyond the paper: the shadow-conditioned student (issue 10) at T/16 steps against the teacher, its temperature
-frontier and MCD, on a known-likelihood source.
+frontier, MCD and SDTT, on a known-likelihood source.
 
 All through the public API: a teacher is trained (`mcd_hf.training.teacher`) or given, distilled with MCD (reverse KL,
-data coupling, DESIGN.md section 4) and with `--method shadow` at the same budget and at a larger one, then every
+data coupling, DESIGN.md section 4), SDTT and `--method shadow` at the same budget (the shadow student also at a
+larger budget, and deeper at the same one), then every
 system is sampled by `evaluate_sampling` on the same seeds (the shadow sampler: paired noise). The teacher's T/16
 temperature frontier is searched at each student's entropy (bisection on the temperature, same seeds), so that
 "beyond the frontier at equal entropy" is a paired difference with its 95% interval.
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="tiny models and sample counts (CI smoke run)")
     parser.add_argument("--teacher", default=None, help="an MCDPipeline folder (default: train one in output_dir)")
     parser.add_argument("--mcd", default=None, help="an MCD student folder (default: distil one in output_dir)")
+    parser.add_argument("--no_sdtt", dest="sdtt", action="store_false", help="skip the SDTT student")
     parser.add_argument("--source", default="markov")
     parser.add_argument("--seq_len", type=int, default=64)
     parser.add_argument("--teacher_steps", type=int, default=64, help="T")
@@ -96,6 +98,8 @@ def distill(args: argparse.Namespace, teacher: str, folder: str, method: str, st
             "--disable_progress_bar", "--cpu"]
     if method == "mcd":
         argv += ["--divergence", "kl-bwd", "--coupling", "data"]
+    elif method == "sdtt":
+        argv += ["--divergence", "kl-bwd"]
     else:
         argv += ["--shadow_divergence", "kl-fwd", "--shadow_lr_multiplier", str(args.shadow_lr_multiplier)]
         if extra_layers:
@@ -271,6 +275,9 @@ def main(argv: list[str] | None = None) -> dict:
     folders = {"mcd": args.mcd or os.path.join(args.output_dir, "mcd")}
     if args.mcd is None:
         training["mcd"] = distill(args, teacher_dir, folders["mcd"], "mcd", args.steps_per_round)
+    if args.sdtt:
+        folders["sdtt"] = os.path.join(args.output_dir, "sdtt")
+        training["sdtt"] = distill(args, teacher_dir, folders["sdtt"], "sdtt", args.steps_per_round)
     budgets = {"shadow (equal budget)": args.steps_per_round,
                f"shadow ({args.budget_multiplier}x budget)": args.steps_per_round * args.budget_multiplier}
     for name, steps_per_round in budgets.items():
@@ -286,6 +293,8 @@ def main(argv: list[str] | None = None) -> dict:
     teacher = MCDPipeline.from_pretrained(teacher_dir)
     reference = evaluate("teacher", teacher, args.teacher_steps)
     rows = [reference]
+    # Twice the students' steps: the cost reference of a student with extra blocks (up to 2x a teacher call).
+    rows.append(evaluate("teacher", teacher, 2 * student_steps))
     for temperature in (1.0, 0.9, 0.8, 0.7, 0.6):
         rows.append(evaluate("teacher", teacher, student_steps, temperature))
     comparisons = []

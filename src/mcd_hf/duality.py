@@ -140,15 +140,20 @@ def _cubic(t, y0, y1, d0, d1, derivative: bool = False) -> torch.Tensor:
     return (2 * t3 - 3 * t2 + 1) * y0 + (t3 - 2 * t2 + t) * d0 + (-2 * t3 + 3 * t2) * y1 + (t3 - t2) * d1
 
 
-def _hermite(rho: torch.Tensor, vocab_size: int, order: int) -> torch.Tensor:
-    """Cubic Hermite interpolation of A_K (order 0) or A_K' (order 1) from the value and slope columns."""
+def _table_segment(rho: torch.Tensor, vocab_size: int):
+    """The table of A_K, its rows on `rho`'s device, and each `rho`'s segment index and offset `t` in [0, 1]."""
     table = _keep_table(vocab_size)
     values = _keep_table_on(vocab_size, rho.device)
     num_points = values.shape[0]
     position = (torch.nan_to_num(rho, nan=0.0).clamp(table.rho_min, table.rho_min + (num_points - 1) * table.step)
                 - table.rho_min) / table.step
     index = position.floor().long().clamp(0, num_points - 2)
-    t = position - index
+    return table, values, index, position - index
+
+
+def _hermite(rho: torch.Tensor, vocab_size: int, order: int) -> torch.Tensor:
+    """Cubic Hermite interpolation of A_K (order 0) or A_K' (order 1) from the value and slope columns."""
+    table, values, index, t = _table_segment(rho, vocab_size)
     d0, d1 = values[index, order + 1] * table.step, values[index + 1, order + 1] * table.step
     result = _cubic(t, values[index, order], values[index + 1, order], d0, d1)
     if order == 0:  # upper segments: 1 + interpolated (A - 1), exact near 1
@@ -184,13 +189,7 @@ def keep_probability_derivative(rho: float | torch.Tensor, vocab_size: int) -> t
 
 def _mask_probability(rho: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """`1 - A_K(rho)` with full relative precision in the upper tail (from the complement column)."""
-    table = _keep_table(vocab_size)
-    values = _keep_table_on(vocab_size, rho.device)
-    num_points = values.shape[0]
-    position = (torch.nan_to_num(rho, nan=0.0).clamp(table.rho_min, table.rho_min + (num_points - 1) * table.step)
-                - table.rho_min) / table.step
-    index = position.floor().long().clamp(0, num_points - 2)
-    t = position - index
+    table, values, index, t = _table_segment(rho, vocab_size)
     d0, d1 = values[index, 1] * table.step, values[index + 1, 1] * table.step
     lower = 1.0 - _cubic(t, values[index, 0], values[index + 1, 0], d0, d1)
     upper = -_cubic(t, values[index, 4], values[index + 1, 4], d0, d1)

@@ -530,11 +530,7 @@ def distill(argv: Sequence[str] | None = None) -> TrainOutput:
         data_description=description or data.description, shuffle_buffer_size=data_args.shuffle_buffer_size,
         **extra,
     )
-    output = trainer.train()
-    if accelerator.is_main_process:
-        summary = ", ".join(f"{k}={v:.4f}" for k, v in output.metrics.items())
-        logger.info(f"done: {output.global_step} steps, {summary}; pipeline saved to {output.output_dir}")
-    return output
+    return trainer.train()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

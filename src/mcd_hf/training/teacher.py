@@ -337,11 +337,7 @@ def train_teacher(argv: Sequence[str] | None = None) -> TrainOutput:
         schedule_eps=args.schedule_eps, time_eps=args.time_eps, card_info=card_info,
         shuffle_buffer_size=data_args.shuffle_buffer_size,
     )
-    output = trainer.train()
-    if accelerator.is_main_process:
-        summary = ", ".join(f"{k}={v:.4f}" for k, v in output.metrics.items())
-        logger.info(f"done: {output.global_step} steps, {summary}; pipeline saved to {output.output_dir}")
-    return output
+    return trainer.train()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -453,6 +453,9 @@ class Trainer:
         self.export(args.output_dir)
         accelerator.wait_for_everyone()
         accelerator.end_training()
+        if accelerator.is_main_process:
+            summary = ", ".join(f"{k}={v:.4f}" for k, v in self.last_metrics.items())
+            logger.info(f"done: {self.global_step} steps, {summary}; pipeline saved to {args.output_dir}")
         return TrainOutput(self.global_step, final_loss, dict(self.last_metrics), args.output_dir)
 
     # ------------------------------------------------------------------------------------------------------------
